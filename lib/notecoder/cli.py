@@ -1,0 +1,176 @@
+"""The `notecoder` command line. Thin: options in, library calls, clear errors out."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from notecoder.config import ConfigError, JobConfig, load_config, parse_override
+from notecoder.errors import NotecoderError
+
+log = logging.getLogger("notecoder")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_DIR_DEFAULT = ".demo"
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail_clearly(func):
+    """Turn notecoder's own errors into one clear line and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except NotecoderError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
+def job_options(func):
+    """The options shared by `notecoder run` and the Ray job entry point."""
+    options = [
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(dir_okay=False),
+            help="YAML config (see configs/); options below override it.",
+        ),
+        click.option(
+            "--input", "input_uri", help="Input archive: folder, glob, file or s3://."
+        ),
+        click.option("--output", "output_uri", help="Output folder or s3:// prefix."),
+        click.option("--model", "model_path", help="Model folder or s3:// prefix."),
+        click.option("--engines", type=int, help="Number of engine actors."),
+        click.option("--shard-rows", type=int, help="Target rows per shard."),
+        click.option(
+            "--set",
+            "sets",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Override any config key, e.g. --set sampling.max_tokens=32.",
+        ),
+        click.option("--log-level", default="INFO", show_default=True),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def config_from_options(
+    config_path: str | None,
+    input_uri: str | None,
+    output_uri: str | None,
+    model_path: str | None,
+    engines: int | None,
+    shard_rows: int | None,
+    sets: tuple[str, ...],
+) -> JobConfig:
+    overrides: dict[str, Any] = dict(parse_override(s) for s in sets)
+    overrides.update(
+        {
+            "input.uri": input_uri,
+            "output.uri": output_uri,
+            "model.path": model_path,
+            "engine.engines": engines,
+            "shard_rows": shard_rows,
+        }
+    )
+    return load_config(config_path, overrides)
+
+
+def run_from_options(log_level: str, **options: Any) -> None:
+    """What `notecoder run` and `jobs/code_notes.py` do."""
+    from notecoder.runner import run_job
+
+    setup_logging(log_level)
+    cfg = config_from_options(**options)
+    run_job(cfg, echo=click.echo)
+
+
+@click.group()
+@click.version_option(package_name="notecoder")
+def main() -> None:
+    """Code clinical-note archives with a fine-tuned LLM, in batch, on vLLM and Ray."""
+
+
+@main.command()
+@job_options
+@_fail_clearly
+def run(**options: Any) -> None:
+    """Code an archive: plan, code every shard, commit, print the run summary.
+
+    Running the same command again resumes: committed shards are skipped.
+    """
+    run_from_options(**options)
+
+
+@main.command("demo-model")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@_fail_clearly
+def demo_model(out_dir: str) -> None:
+    """Build the tiny demo model (deterministic, no download) into OUT_DIR."""
+    from notecoder.demo import build_demo_model
+
+    path = build_demo_model(out_dir)
+    click.echo(f"demo model written to {path}")
+
+
+@main.command("sample-archive")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--notes", default=300, show_default=True, help="How many notes.")
+@_fail_clearly
+def sample_archive(out_dir: str, notes: int) -> None:
+    """Write a synthetic archive of invented notes with gold codes into OUT_DIR."""
+    from notecoder.demo import write_sample_archive
+
+    path = write_sample_archive(out_dir, notes=notes)
+    click.echo(f"sample archive written to {path}")
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "demo_dir",
+    default=DEMO_DIR_DEFAULT,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the demo model, archive and output go.",
+)
+@click.option("--log-level", default="INFO", show_default=True)
+@_fail_clearly
+def demo(demo_dir: str, log_level: str) -> None:
+    """Build the demo model and sample archive, then code it with configs/local.yaml."""
+    from notecoder.demo import build_demo_model, write_sample_archive
+    from notecoder.runner import run_job
+
+    setup_logging(log_level)
+    base = Path(demo_dir)
+    model = build_demo_model(base / "model")
+    archive = write_sample_archive(base / "archive")
+    config = _shipped_config("local.yaml")
+    cfg = config_from_options(
+        config, str(archive), str(base / "output"), str(model), None, None, ()
+    )
+    run_job(cfg, echo=click.echo)
+    click.echo(f"coded rows: {base / 'output'}")
+
+
+def _shipped_config(name: str) -> str | None:
+    path = REPO_ROOT / "configs" / name
+    if path.is_file():
+        return str(path)
+    raise ConfigError(f"configs/{name} not found next to the notecoder package")
