@@ -56,23 +56,21 @@ def test_short_max_tokens_gives_truncated_output(
     assert all(r.completion_tokens == 3 for r in rows if r.prompt_tokens)
 
 
-def test_unstructured_output_of_wrong_shape_is_unparseable(
+def test_unstructured_answer_of_other_shape_is_unparseable(
     shared_llm, demo_model, sample_archive
 ):
-    # Without schema enforcement, the demo model does not write the multi-code shape.
+    # Unconstrained, the demo model writes the multi-code shape it was trained on
+    # last; asked for the single shape, that answer cannot be read.
     texts, ids = _notes(sample_archive, 6)
-    coder = _coder(
-        shared_llm,
-        demo_model,
-        **{"sampling.structured": False, "output.shape": "multi"},
-    )
+    coder = _coder(shared_llm, demo_model, **{"sampling.structured": False})
     rows, _ = coder.code_notes(texts, ids)
     generated = [r for r in rows if r.prompt_tokens]
     assert generated
-    assert {r.status for r in generated} <= {"unparseable", "truncated_output"}
-    assert any(r.status == "unparseable" for r in generated)
+    statuses = [r.status for r in generated]
+    assert statuses.count("unparseable") >= len(generated) // 2, statuses
     for r in generated:
-        assert r.codes == []
+        if r.status == "unparseable":
+            assert r.codes == [] and r.error
 
 
 def test_structured_output_always_parses(shared_llm, demo_model, sample_archive):

@@ -153,6 +153,12 @@ def test_job_entry_point_logs_carry_no_note_text(demo_model, tmp_path):
     errors = " ".join(pl.read_parquet(f"{out}/part-*.parquet")["error"].drop_nulls())
     assert_no_fragments(errors, fragments, "the error column")
     assert "shard" in proc.stderr and "committed" in proc.stderr
+    # The engine actors' own log files, which Ray keeps in its session folder.
+    session = Path("/tmp/ray/session_latest/logs")
+    if session.is_dir():
+        logs = [p for p in session.rglob("*") if p.is_file()]
+        blob = " ".join(p.read_text(errors="replace") for p in logs)
+        assert_no_fragments(blob, fragments, f"{len(logs)} Ray log files")
 
 
 @pytest.mark.skipif(not CODIESP_DEV.exists(), reason="shared CodiEsp data is absent")

@@ -65,6 +65,8 @@ def common_engine_env() -> dict[str, str]:
         # simpler to place, kill and replace than an actor with a child process.
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "TOKENIZERS_PARALLELISM": "false",
+        # vLLM's start-up chatter drowns the per-shard lines; its warnings still show.
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
     }
 
 
