@@ -60,7 +60,7 @@ class PromptBuilder:
         ids = self._render(note)
         if len(ids) <= self.max_prompt_tokens:
             return Prompt(ids, truncated=False)
-        note_ids = self.tokenizer.encode(note, add_special_tokens=False)
+        note_ids = self.tokenizer.encode(note, add_special_tokens=False, verbose=False)
         keep = self.max_prompt_tokens - self.overhead
         for _ in range(MAX_CUT_PASSES):
             cut = self.tokenizer.decode(note_ids[:keep], skip_special_tokens=True)
