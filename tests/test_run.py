@@ -25,6 +25,7 @@ def _cfg(archive, output, model, **overrides):
         "input.uri": str(archive),
         "output.uri": str(output),
         "model.path": str(model),
+        "input.passthrough_columns": ["claim_id", "facility"],
     }
     return load_config(REPO / "configs" / "local.yaml", {**base, **overrides})
 
@@ -165,6 +166,7 @@ def test_job_entry_point_logs_carry_no_note_text(demo_model, tmp_path):
 def test_codiesp_dev_every_row_accounted(ray_local, demo_model, tmp_path):
     out = tmp_path / "codiesp"
     cfg = _cfg(CODIESP_DEV, out, demo_model, **{"input.passthrough_columns": []})
+    assert cfg.input.passthrough_columns == []
     summary = run_job(cfg, echo=lambda _: None)
     ids = pq.read_table(CODIESP_DEV, columns=["note_id"]).column("note_id").to_pylist()
     table = pl.read_parquet(f"{out}/part-*.parquet")

@@ -57,6 +57,19 @@ def job_options(func):
         click.option("--engines", type=int, help="Number of engine actors."),
         click.option("--shard-rows", type=int, help="Target rows per shard."),
         click.option(
+            "--skip-coded",
+            multiple=True,
+            metavar="URI",
+            help="Leave out notes coded before: an earlier output or a Parquet ledger "
+            "of ids (repeatable; for incremental nightly runs).",
+        ),
+        click.option(
+            "--new-run",
+            is_flag=True,
+            help="Start a new run in an output that holds another: its record moves "
+            "to _notecoder/previous/<run id>/ and its parts are deleted.",
+        ),
+        click.option(
             "--set",
             "sets",
             multiple=True,
@@ -78,6 +91,7 @@ def config_from_options(
     engines: int | None,
     shard_rows: int | None,
     sets: tuple[str, ...],
+    skip_coded: tuple[str, ...] = (),
 ) -> JobConfig:
     overrides: dict[str, Any] = dict(parse_override(s) for s in sets)
     overrides.update(
@@ -87,18 +101,19 @@ def config_from_options(
             "model.path": model_path,
             "engine.engines": engines,
             "shard_rows": shard_rows,
+            "input.skip_coded": list(skip_coded) or None,
         }
     )
     return load_config(config_path, overrides)
 
 
-def run_from_options(log_level: str, **options: Any) -> None:
+def run_from_options(log_level: str, new_run: bool = False, **options: Any) -> None:
     """What `notecoder run` and `jobs/code_notes.py` do."""
     from notecoder.runner import run_job
 
     setup_logging(log_level)
     cfg = config_from_options(**options)
-    run_job(cfg, echo=click.echo)
+    run_job(cfg, echo=click.echo, new_run=new_run)
 
 
 @click.group()
@@ -163,7 +178,13 @@ def demo(demo_dir: str, log_level: str) -> None:
     archive = write_sample_archive(base / "archive")
     config = _shipped_config("local.yaml")
     cfg = config_from_options(
-        config, str(archive), str(base / "output"), str(model), None, None, ()
+        config,
+        str(archive),
+        str(base / "output"),
+        str(model),
+        None,
+        None,
+        ("input.passthrough_columns=[claim_id, facility]",),
     )
     run_job(cfg, echo=click.echo)
     click.echo(f"coded rows: {base / 'output'}")
@@ -174,3 +195,9 @@ def _shipped_config(name: str) -> str | None:
     if path.is_file():
         return str(path)
     raise ConfigError(f"configs/{name} not found next to the notecoder package")
+
+
+# plan, report and eval live in notecoder.commands (issue 5); added once main exists.
+from notecoder.commands import register  # noqa: E402
+
+register(main)

@@ -7,6 +7,7 @@ what each Ray actor hosts (``CoderActor``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -18,9 +19,11 @@ from typing import Any
 from notecoder import engine as engine_mod
 from notecoder.commit import OutputLayout
 from notecoder.config import JobConfig
+from notecoder.incremental import drop_skipped
 from notecoder.plan import Shard, read_shard
 from notecoder.prompts import PromptBuilder
 from notecoder.results import RowResult, build_table, judge
+from notecoder.s3model import ensure_local_model
 from notecoder.storage import S3Settings, Storage
 from notecoder.tally import ShardTally
 
@@ -37,6 +40,13 @@ class RunContext:
     output_uri: str
     device: str  # "cpu" or "cuda"
     s3: S3Settings = S3Settings()
+    model_source: str = ""  # as configured; an s3:// model is fetched on each node
+    model_hash: str = ""  # the content hash in run.json, checked after a fetch
+    # The LoRA adapter (model.lora_path), if any, held like the model: as
+    # configured, where the driver found it, and its content hash.
+    lora_source: str = ""
+    lora_dir: str = ""
+    lora_hash: str = ""
 
 
 class NoteCoder:
@@ -51,6 +61,11 @@ class NoteCoder:
             else engine_mod.make_llm(cfg, ctx.model_dir, ctx.device)
         )
         self.sampling = engine_mod.sampling_params(cfg)
+        # Passed only with an adapter, so an engine built without enable_lora (and
+        # the fakes of the unit tests) never sees the argument.
+        self.generate_kwargs: dict[str, Any] = {}
+        if ctx.lora_dir:
+            self.generate_kwargs["lora_request"] = engine_mod.lora_request(ctx.lora_dir)
         budget = cfg.model.max_model_len - cfg.sampling.max_tokens
         self.prompts = PromptBuilder(
             self.llm.get_tokenizer(), cfg.model.system_prompt, budget
@@ -91,7 +106,9 @@ class NoteCoder:
             return []
         batch = [{"prompt_token_ids": t} for t in token_ids]
         try:
-            return self.llm.generate(batch, self.sampling, use_tqdm=False)
+            return self.llm.generate(
+                batch, self.sampling, use_tqdm=False, **self.generate_kwargs
+            )
         except Exception as exc:
             log.warning(
                 "batch of %d notes failed in the engine (%s); retrying one by one",
@@ -102,7 +119,9 @@ class NoteCoder:
         for one, note_id in zip(batch, ids, strict=True):
             try:
                 outputs.append(
-                    self.llm.generate([one], self.sampling, use_tqdm=False)[0]
+                    self.llm.generate(
+                        [one], self.sampling, use_tqdm=False, **self.generate_kwargs
+                    )[0]
                 )
             except Exception as exc:
                 outputs.append(_row_error(note_id, "generating", exc))
@@ -139,10 +158,29 @@ def _row_error(note_id: Any, stage: str, exc: Exception) -> RowResult:
 class ShardCoder:
     """Reads, codes and commits whole shards with one engine."""
 
-    def __init__(self, cfg: JobConfig, ctx: RunContext, llm: Any | None = None):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        ctx: RunContext,
+        llm: Any | None = None,
+        skip_ids: Any | None = None,
+    ):
         self.cfg = cfg
-        self.ctx = ctx
         self.storage = Storage(ctx.s3)
+        if llm is None and ctx.model_source:
+            # The driver's model_dir is a path on the driver's node.
+            local = ensure_local_model(
+                self.storage, ctx.model_source, ctx.model_dir, ctx.model_hash
+            )
+            ctx = dataclasses.replace(ctx, model_dir=local)
+        if llm is None and ctx.lora_source:
+            # The adapter too is fetched (s3://) or looked for (a folder) per node.
+            lora = ensure_local_model(
+                self.storage, ctx.lora_source, ctx.lora_dir, ctx.lora_hash
+            )
+            ctx = dataclasses.replace(ctx, lora_dir=lora)
+        self.ctx = ctx
+        self.skip_ids = skip_ids  # ids coded by earlier runs (--skip-coded)
         self.layout = OutputLayout(self.storage, ctx.output_uri)
         self.coder = NoteCoder(cfg, ctx, llm)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -161,6 +199,7 @@ class ShardCoder:
         t0 = time.perf_counter()
         keep = [cfg.id_column, *cfg.passthrough_columns]
         table = read_shard(self.storage, shard, [*keep, cfg.text_column])
+        table, tally.skipped = drop_skipped(table, cfg.id_column, self.skip_ids)
         tally.read_seconds = time.perf_counter() - t0
         texts = table.column(cfg.text_column).to_pylist()
         ids = table.column(cfg.id_column).to_pylist()

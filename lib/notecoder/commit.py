@@ -65,11 +65,22 @@ class OutputLayout:
         self.storage.write_bytes(uri, text.encode() + b"\n")
 
     def committed(self) -> dict[str, ShardTally]:
-        """Tallies of every committed shard, by shard id."""
+        """Tallies of every committed shard, by shard id.
+
+        A marker whose part file is gone (deleted by hand) does not count: its shard
+        is coded again rather than missing from the output unnoticed.
+        """
+        parts = {
+            e.uri.rsplit("/", 1)[-1]
+            for e in self.storage.list_files(self.uri, suffix=".parquet")
+        }
         found = {}
         for entry in self.storage.list_files(self.markers_dir, suffix=".json"):
             data = json.loads(self.storage.read_bytes(entry.uri))
             tally = ShardTally.from_dict(data["tally"])
+            if data.get("part", f"part-{tally.shard_id}.parquet") not in parts:
+                log.warning("shard %s has a marker but no part", tally.shard_id)
+                continue
             found[tally.shard_id] = tally
         return found
 

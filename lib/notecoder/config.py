@@ -36,6 +36,12 @@ class InputConfig(_Section):
         default_factory=list,
         description="Input columns copied unchanged into every output row.",
     )
+    skip_coded: list[str] = Field(
+        default_factory=list,
+        description="Notes coded before, left out of this run: earlier notecoder "
+        "outputs or Parquet ledgers of ids (folder, glob, file or s3://). Usually "
+        "--skip-coded, for incremental nightly runs.",
+    )
 
 
 class OutputConfig(_Section):
@@ -51,6 +57,13 @@ class OutputConfig(_Section):
     )
     max_codes: int = Field(
         20, ge=1, le=100, description="Most codes kept from one note (multi shape)."
+    )
+    ledger_uri: str | None = Field(
+        None,
+        description="Run ledger: folder or s3:// prefix where every run adds one small "
+        "Parquet file of its totals (and `notecoder eval --record` its accuracy). "
+        'Null puts it beside the output, in <output>/../_notecoder-ledger/; "" keeps '
+        "no ledger. See notecoder.ledger.",
     )
 
 
@@ -74,6 +87,18 @@ class ModelConfig(_Section):
     system_prompt: str | None = Field(
         None,
         description="Optional system message. A fine-tuned model usually needs none.",
+    )
+    lora_path: str | None = Field(
+        None,
+        description="LoRA adapter applied to the model at `path`: a folder or "
+        "s3://bucket/prefix in PEFT layout (adapter_config.json and "
+        "adapter_model.safetensors). Null codes with the model as it is.",
+    )
+    # The ranks vLLM 0.32 builds LoRA kernels for (vllm.config.lora.MaxLoRARanks).
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        16,
+        description="Largest LoRA rank the engine reserves room for; at least the "
+        "adapter's rank `r`. Used only with lora_path.",
     )
 
 
@@ -140,6 +165,13 @@ class CostConfig(_Section):
         1000,
         ge=0,
         description="Few-shot example tokens the hosted API needs on every call.",
+    )
+    planning_tokens_per_second: float = Field(
+        2000.0,
+        gt=0,
+        description="Tokens (prompt plus completion) one engine codes per second, for "
+        "`notecoder plan` when no earlier run in --output measured it. Take the "
+        "figure from `notecoder report` of a real run on your hardware.",
     )
 
 

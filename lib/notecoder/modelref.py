@@ -2,7 +2,8 @@
 
 The content hash covers every file of the model (weights, config, tokenizer, chat
 template), so the audit trail can say exactly which model coded a row, and a rerun with
-changed weights under the same path is caught.
+changed weights under the same path is caught. A LoRA adapter (``model.lora_path``)
+is checked and hashed the same way, and its hash joins the model's in the row label.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
+from notecoder.config import ModelConfig
 from notecoder.errors import ModelError
 from notecoder.storage import Storage, is_s3
 
@@ -23,18 +26,43 @@ HASH_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter ready to load: where it is locally, what it is, its rank."""
+
+    source: str  # as configured: a folder or s3:// prefix
+    local_dir: str
+    content_hash: str
+    rank: int  # the largest rank in its adapter_config.json
+
+    @property
+    def label(self) -> str:
+        return f"{_name(self.source)}@{self.content_hash[:12]}"
+
+
+@dataclass(frozen=True)
 class ModelRef:
     """A model ready to load: where it is locally and what it is."""
 
     source: str  # as configured: a folder or s3:// prefix
     local_dir: str
     content_hash: str
+    adapter: AdapterRef | None = None
 
     @property
     def label(self) -> str:
-        """What goes into each output row's `model` column."""
-        name = self.source.rstrip("/").rsplit("/", 1)[-1]
-        return f"{name}@{self.content_hash[:12]}"
+        """What goes into each output row's `model` column.
+
+        ``name@hash`` of the model, then ``+name@hash`` of its LoRA adapter if any:
+        rows coded through two adapters of one base model never share a label.
+        """
+        label = f"{_name(self.source)}@{self.content_hash[:12]}"
+        if self.adapter is not None:
+            label += f"+{self.adapter.label}"
+        return label
+
+
+def _name(source: str) -> str:
+    return source.rstrip("/").rsplit("/", 1)[-1]
 
 
 def cache_root() -> Path:
@@ -44,14 +72,17 @@ def cache_root() -> Path:
     return Path(base)
 
 
-def resolve_model(storage: Storage, source: str) -> ModelRef:
-    """Check the model and hash its content; S3 prefixes are downloaded first."""
-    if is_s3(source):
-        from notecoder.s3model import download_model
+def resolve_model(
+    storage: Storage,
+    source: str,
+    lora_path: str | None = None,
+    max_lora_rank: int = 16,
+) -> ModelRef:
+    """Check the model (and adapter) and hash their content.
 
-        local = download_model(storage, source, cache_root() / "models")
-    else:
-        local = Path(source)
+    S3 prefixes are downloaded first. Raises ModelError naming what to change.
+    """
+    local = _local_folder(storage, source)
     if not local.is_dir():
         raise ModelError(
             f"model {source} is not a folder: set --model to a model folder"
@@ -61,7 +92,68 @@ def resolve_model(storage: Storage, source: str) -> ModelRef:
             f"model {source} has no config.json: point --model at a folder in Hugging "
             "Face layout (config.json, weights, tokenizer)"
         )
-    return ModelRef(source, str(local), content_hash(local))
+    adapter = None
+    if lora_path:
+        adapter = resolve_adapter(storage, lora_path, max_lora_rank)
+    return ModelRef(source, str(local), content_hash(local), adapter)
+
+
+def _local_folder(storage: Storage, source: str) -> Path:
+    if is_s3(source):
+        from notecoder.s3model import download_model
+
+        return download_model(storage, source, cache_root() / "models")
+    return Path(source)
+
+
+def resolve_adapter(storage: Storage, source: str, max_rank: int) -> AdapterRef:
+    """Check a PEFT LoRA adapter folder (or s3:// prefix) and hash its content.
+
+    Checked here, on the driver, so that a wrong path or a rank above
+    ``model.max_lora_rank`` fails before any engine starts; vLLM would only say so
+    when the first shard asks for the adapter.
+    """
+    where = f"LoRA adapter {source} (model.lora_path)"
+    try:
+        local = _local_folder(storage, source)
+    except ModelError as exc:
+        raise ModelError(f"{where}: {exc}") from None
+    if not local.is_dir():
+        raise ModelError(f"{where} is not a folder: point it at a PEFT adapter folder")
+    try:
+        config = json.loads((local / "adapter_config.json").read_text())
+    except OSError:
+        raise ModelError(
+            f"{where} has no adapter_config.json: point it at a folder saved by PEFT "
+            "(adapter_config.json and adapter_model.safetensors)"
+        ) from None
+    except ValueError:
+        raise ModelError(f"{where}: adapter_config.json is not valid JSON") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ModelError(
+            f"{where} is a {config.get('peft_type')} adapter; vLLM serves LoRA only"
+        )
+    weights = ("adapter_model.safetensors", "adapter_model.bin")
+    if not any((local / name).is_file() for name in weights):
+        raise ModelError(f"{where} has no adapter_model.safetensors")
+    rank = _adapter_rank(config, where)
+    if rank > max_rank:
+        allowed = get_args(ModelConfig.model_fields["max_lora_rank"].annotation)
+        fit = min((r for r in allowed if r >= rank), default=None)
+        hint = f"set model.max_lora_rank to {fit}" if fit else "vLLM cannot serve it"
+        raise ModelError(
+            f"{where} has rank {rank}, above model.max_lora_rank ({max_rank}): {hint}"
+        )
+    return AdapterRef(source, str(local), content_hash(local), rank)
+
+
+def _adapter_rank(config: dict, where: str) -> int:
+    ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
+    if not all(isinstance(r, int) and r > 0 for r in ranks):
+        raise ModelError(
+            f"{where}: adapter_config.json needs a positive integer rank 'r'"
+        )
+    return max(ranks)
 
 
 def content_hash(folder: Path) -> str:

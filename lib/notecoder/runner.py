@@ -24,8 +24,21 @@ from notecoder import __version__, codes
 from notecoder.coder import RunContext, coder_actor_class
 from notecoder.commit import OutputLayout
 from notecoder.config import JobConfig
-from notecoder.engine import common_engine_env, cpu_engine_env
-from notecoder.errors import ModelError, OutputMismatchError, ShardsFailedError
+from notecoder.engine import (
+    EnginePlacement,
+    common_engine_env,
+    cpu_engine_env,
+    engine_placement,
+    engines_that_fit,
+)
+from notecoder.errors import (
+    ConfigError,
+    ModelError,
+    OutputMismatchError,
+    ShardsFailedError,
+)
+from notecoder.housekeeping import archive_run, remove_strays
+from notecoder.incremental import SkipSet, input_id_type, load_skip_set
 from notecoder.modelref import ModelRef, resolve_model
 from notecoder.plan import Plan, Shard, plan_archive
 from notecoder.storage import S3Settings, Storage
@@ -41,10 +54,13 @@ def s3_settings(cfg: JobConfig) -> S3Settings:
     return S3Settings(cfg.s3.endpoint_url, cfg.s3.region, cfg.s3.addressing_style)
 
 
-def settings_of(cfg: JobConfig, model: ModelRef, plan: Plan) -> dict[str, Any]:
+def settings_of(
+    cfg: JobConfig, model: ModelRef, plan: Plan, skip: SkipSet | None = None
+) -> dict[str, Any]:
     """What must be equal for two attempts to write into the same output."""
     return {
         "model.content_hash": model.content_hash,
+        "model.lora_hash": model.adapter.content_hash if model.adapter else None,
         "model.system_prompt": cfg.model.system_prompt,
         "model.max_model_len": cfg.model.max_model_len,
         "output.shape": cfg.output.shape,
@@ -57,6 +73,7 @@ def settings_of(cfg: JobConfig, model: ModelRef, plan: Plan) -> dict[str, Any]:
         "input.text_column": cfg.input.text_column,
         "input.passthrough_columns": list(cfg.input.passthrough_columns),
         "input.fingerprint": plan.fingerprint,
+        "input.skip_coded": skip.fingerprint if skip else None,
         "shard_rows": cfg.shard_rows,
     }
 
@@ -85,25 +102,34 @@ class Prepared:
     model: ModelRef
     manifest: dict[str, Any]
     committed: dict[str, ShardTally]
+    skip: SkipSet | None = None
 
     @property
     def pending(self) -> list[Shard]:
         return [s for s in self.plan.shards if s.shard_id not in self.committed]
 
 
-def prepare(cfg: JobConfig) -> Prepared:
+def prepare(cfg: JobConfig, *, new_run: bool = False) -> Prepared:
     """Plan the input and open (or start) the run in the output; no engine starts.
 
-    Raises PlanError, ModelError or OutputMismatchError with a message that says what
-    to change.
+    With ``new_run``, a run already in the output is retired first (see
+    housekeeping.archive_run). Raises PlanError, ModelError or OutputMismatchError
+    with a message that says what to change.
     """
     cfg.require_paths()
     storage = Storage(s3_settings(cfg))
     plan = plan_archive(storage, cfg.input, cfg.shard_rows)
-    model = resolve_model(storage, cfg.model.path)
+    model = resolve_model(
+        storage, cfg.model.path, cfg.model.lora_path, cfg.model.max_lora_rank
+    )
     layout = OutputLayout(storage, cfg.output.uri)
-    settings = settings_of(cfg, model, plan)
+    skip = _skip_set(storage, cfg, plan)
+    settings = settings_of(cfg, model, plan, skip)
     manifest = layout.read_json(layout.run_file)
+    replaces = None
+    if manifest is not None and new_run:
+        archive_run(layout, manifest)
+        replaces, manifest = manifest.get("run_id"), None
     if manifest is not None:
         diffs = _differences(manifest.get("settings", {}), settings)
         if diffs:
@@ -111,7 +137,8 @@ def prepare(cfg: JobConfig) -> Prepared:
                 f"output {cfg.output.uri} holds run {manifest.get('run_id')} made with "
                 "other settings; refusing to mix them:\n  "
                 + "\n  ".join(diffs)
-                + "\nwrite to a new --output, or restore the settings to resume"
+                + "\nwrite to a new --output, pass --new-run to replace that run, or "
+                "restore the settings to resume"
             )
     else:
         manifest = {
@@ -124,6 +151,7 @@ def prepare(cfg: JobConfig) -> Prepared:
                 "revision": cfg.model.revision,
                 "content_hash": model.content_hash,
                 "label": model.label,
+                "lora": _adapter_record(model),
             },
             "code_set": codes.EDITION,
             "input": {
@@ -132,16 +160,39 @@ def prepare(cfg: JobConfig) -> Prepared:
                 "files": len(plan.files),
                 "rows": plan.total_rows,
                 "shards": len(plan.shards),
+                "skip_coded": skip.record() if skip else None,
             },
             "config": cfg.model_dump(mode="json"),
             "attempts": [],
+            "replaces_run": replaces,
         }
     committed = {
         k: v
         for k, v in layout.committed().items()
         if k in {s.shard_id for s in plan.shards}
     }
-    return Prepared(cfg, storage, layout, plan, model, manifest, committed)
+    return Prepared(cfg, storage, layout, plan, model, manifest, committed, skip)
+
+
+def _adapter_record(model: ModelRef) -> dict[str, Any] | None:
+    """The LoRA adapter's entry in run.json (None when the model runs as it is)."""
+    if model.adapter is None:
+        return None
+    return {
+        "path": model.adapter.source,
+        "content_hash": model.adapter.content_hash,
+        "rank": model.adapter.rank,
+    }
+
+
+def _skip_set(storage: Storage, cfg: JobConfig, plan: Plan) -> SkipSet | None:
+    if not cfg.input.skip_coded:
+        return None
+    first = plan.files[0].entry.uri
+    id_type = input_id_type(storage, first, cfg.input.id_column)
+    return load_skip_set(
+        storage, cfg.input.skip_coded, cfg.input.id_column, id_type, cfg.output.uri
+    )
 
 
 def _new_run_id() -> str:
@@ -159,13 +210,14 @@ class _Attempt:
     accelerators_per_engine: int = 1
 
 
-def run_job(cfg: JobConfig, *, echo: Any = print) -> RunSummary:
+def run_job(cfg: JobConfig, *, echo: Any = print, new_run: bool = False) -> RunSummary:
     """Run (or resume) a job end to end and return its summary.
 
+    ``new_run`` replaces a run already in the output instead of refusing to mix.
     Raises ShardsFailedError, after committing every shard that could be, when some
     shard failed on all its attempts.
     """
-    prep = prepare(cfg)
+    prep = prepare(cfg, new_run=new_run)
     run_id = prep.manifest["run_id"]
     pending = prep.pending
     log.info(
@@ -184,6 +236,10 @@ def run_job(cfg: JobConfig, *, echo: Any = print) -> RunSummary:
         echo(format_summary(summary))
         return summary
     attempt = _Attempt()
+    for earlier in prep.manifest["attempts"]:
+        # A driver that was killed never wrote how its attempt ended.
+        if earlier.get("status") == "running":
+            earlier["status"] = "interrupted"
     prep.manifest["attempts"].append({"started_at": _now(), "status": "running"})
     prep.layout.write_json(prep.layout.run_file, prep.manifest)
     try:
@@ -192,6 +248,7 @@ def run_job(cfg: JobConfig, *, echo: Any = print) -> RunSummary:
         _shutdown_engines()
     committed = dict(prep.committed)
     committed.update({t.shard_id: t for t in tallies})
+    remove_strays(prep.layout)
     summary = _summary(prep, committed, attempt, write=True)
     echo(format_summary(summary))
     if attempt.failed:
@@ -241,8 +298,13 @@ def _summary(
         cost=prep.cfg.cost,
     )
     if write:
+        if len(committed) == len(prep.plan.shards):
+            prep.manifest["ended_at"] = attempts[-1]["ended_at"]
         prep.layout.write_json(prep.layout.run_file, prep.manifest)
         prep.layout.write_json(prep.layout.summary_file, summary.to_dict())
+        from notecoder.ledger import record_run  # never raises: see notecoder.ledger
+
+        record_run(prep.cfg, prep.manifest, summary, prep.storage)
     return summary
 
 
@@ -258,7 +320,10 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    # address="local": always a new cluster of our own, never one that some other
+    # `ray start` on this machine left recorded in /tmp/ray.
     ray.init(
+        address="local",
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
         log_to_driver=True,
@@ -273,9 +338,13 @@ def _shutdown_engines() -> None:
         with contextlib.suppress(Exception):
             ray.kill(actor)
     _ENGINES.clear()
+    for index in list(_GROUPS):
+        _remove_group(index)
 
 
 _ENGINES: list[Any] = []
+# Engine index -> the placement group its actor runs in (tensor parallel engines).
+_GROUPS: dict[int, Any] = {}
 
 
 def _device(cfg: JobConfig) -> str:
@@ -293,24 +362,73 @@ def _engine_count(cfg: JobConfig, device: str) -> int:
         return cfg.engine.engines
     res = ray.cluster_resources()
     if device == "cuda":
-        return max(1, int(res.get("GPU", 0)) // cfg.engine.gpus_per_engine)
+        per_node = [
+            node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]
+        ]
+        fit = engines_that_fit(per_node, cfg.engine.gpus_per_engine)
+        if fit == 0:
+            # Counted once, at the start: one engine that can never be placed
+            # would hold the run forever, waiting for GPUs.
+            raise ConfigError(
+                f"no node of the Ray cluster has {cfg.engine.gpus_per_engine} GPUs "
+                f"for one engine (the most on one node is {max(per_node, default=0):g})"
+                ": lower engine.gpus_per_engine, or add nodes with more GPUs"
+            )
+        return fit
     return max(1, int(res.get("CPU", 1)) // cfg.engine.cpus_per_engine)
 
 
-def _start_engine(prep: Prepared, ctx: RunContext, index: int) -> Any:
+def _start_engine(
+    prep: Prepared, ctx: RunContext, index: int, skip_ref: Any = None
+) -> Any:
     cfg = prep.cfg
     env = common_engine_env()
     if ctx.device == "cpu":
         env.update(cpu_engine_env(cfg, index, None))
-        options = {"num_cpus": cfg.engine.cpus_per_engine}
-    else:
-        options = {"num_gpus": cfg.engine.gpus_per_engine, "num_cpus": 1}
+    placement = engine_placement(cfg, ctx.device)
     actor_cls = coder_actor_class()
     actor = actor_cls.options(
-        runtime_env={"env_vars": env}, max_restarts=0, max_concurrency=1, **options
-    ).remote(cfg, ctx)
+        runtime_env={"env_vars": env},
+        max_restarts=0,
+        max_concurrency=1,
+        **placement.actor_options(),
+        **_group_strategy(placement, index),
+    ).remote(cfg, ctx, None, skip_ref)
     _ENGINES.append(actor)
     return actor
+
+
+def _group_strategy(placement: EnginePlacement, index: int) -> dict[str, Any]:
+    """Scheduling options putting engine ``index`` in a new placement group, if any.
+
+    The group of the engine it replaces is removed first: it would otherwise keep
+    its GPUs reserved for an actor that is gone. Child tasks are captured so that
+    whatever vLLM starts from inside the actor stays in the group too.
+    """
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    _remove_group(index)
+    if placement.bundles is None:
+        return {}
+    group = ray.util.placement_group(
+        [dict(b) for b in placement.bundles], strategy=placement.strategy
+    )
+    _GROUPS[index] = group
+    strategy = PlacementGroupSchedulingStrategy(
+        group, placement_group_capture_child_tasks=True
+    )
+    return {"scheduling_strategy": strategy}
+
+
+def _remove_group(index: int) -> None:
+    import ray
+
+    group = _GROUPS.pop(index, None)
+    if group is not None:
+        # Already gone with its job or node: nothing left to free.
+        with contextlib.suppress(Exception):
+            ray.util.remove_placement_group(group)
 
 
 def _code_shards(
@@ -334,14 +452,22 @@ def _code_shards(
         output_uri=cfg.output.uri,
         device=device,
         s3=s3_settings(cfg),
+        model_source=prep.model.source,
+        model_hash=prep.model.content_hash,
+        lora_source=prep.model.adapter.source if prep.model.adapter else "",
+        lora_dir=prep.model.adapter.local_dir if prep.model.adapter else "",
+        lora_hash=prep.model.adapter.content_hash if prep.model.adapter else "",
     )
+    # Put once, shared by every engine on a node (Ray resolves it for each actor).
+    skip_ref = ray.put(prep.skip.ids) if prep.skip is not None else None
     log.info("starting %d %s engine(s)", n, device)
-    actors = [_start_engine(prep, ctx, i) for i in range(n)]
+    actors = [_start_engine(prep, ctx, i, skip_ref) for i in range(n)]
     _wait_ready(actors)
     progress = _Progress(len(shards), sum(s.num_rows for s in shards))
     queue: deque[tuple[Shard, int, float]] = deque((s, 1, 0.0) for s in shards)
     inflight: dict[Any, tuple[int, Shard, int]] = {}
     idle = list(range(n))
+    starting: dict[Any, int] = {}  # ready() of a replacement engine -> its index
     tallies: list[ShardTally] = []
     while queue or inflight:
         now = time.time()
@@ -354,11 +480,17 @@ def _code_shards(
                 continue
             idx = idle.pop()
             inflight[actors[idx].code_shard.remote(shard, tries)] = (idx, shard, tries)
-        if not inflight:
+        if not inflight and not starting:
+            if not idle:
+                _no_engine_left(queue, attempt)
+                break
             time.sleep(0.2)
             continue
-        done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        done, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=1.0)
         for ref in done:
+            if ref in starting:
+                _replacement_started(ref, starting.pop(ref), idle)
+                continue
             idx, shard, tries = inflight.pop(ref)
             try:
                 tally = ray.get(ref)
@@ -369,9 +501,13 @@ def _code_shards(
                     shard.shard_id,
                     type(exc).__name__,
                 )
-                actors[idx] = _start_engine(prep, ctx, idx)
+                # The new engine takes shards only once it has loaded; meanwhile the
+                # lost shard goes to an engine still alive. So an engine that cannot
+                # come back (its node gone for good) costs no shard an attempt, and
+                # shards_retried counts exactly the shards lost in flight.
+                actors[idx] = _start_engine(prep, ctx, idx, skip_ref)
+                starting[actors[idx].ready.remote()] = idx
                 _retry(queue, attempt, shard, tries, cfg.max_shard_attempts)
-                idle.append(idx)
                 continue
             except (RayTaskError, GetTimeoutError) as exc:
                 log.warning(
@@ -389,6 +525,32 @@ def _code_shards(
             progress.shard_done(tally)
     progress.close()
     return tallies
+
+
+def _replacement_started(ref: Any, idx: int, idle: list[int]) -> None:
+    """Put a replacement engine to work once it has loaded, or leave its slot empty."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    try:
+        ray.get(ref)
+    except (RayActorError, RayTaskError) as exc:
+        log.error(
+            "replacement engine %d failed to start (%s); coding on without it",
+            idx,
+            _cause(exc),
+        )
+        return
+    log.info("replacement engine %d is ready", idx)
+    idle.append(idx)
+
+
+def _no_engine_left(queue: deque, attempt: _Attempt) -> None:
+    """Every engine died and none came back: what is left cannot be coded now."""
+    left = [shard.shard_id for shard, _, _ in queue]
+    log.error("no engine left to code %d shards; giving up on them", len(left))
+    attempt.failed.extend(left)
+    queue.clear()
 
 
 def _retry(

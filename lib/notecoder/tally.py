@@ -24,6 +24,7 @@ class ShardTally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     truncated_notes: int = 0
+    skipped: int = 0  # rows left out because an earlier run coded them
     read_seconds: float = 0.0
     engine_seconds: float = 0.0
     write_seconds: float = 0.0
@@ -70,6 +71,7 @@ class RunSummary:
     baseline_usd: float
     baseline_usd_per_1k_tokens: float
     baseline_usd_per_1k_notes: float
+    rows_skipped: int = 0  # coded by earlier runs (--skip-coded), so not in parts
 
     @property
     def total_tokens(self) -> int:
@@ -142,6 +144,7 @@ def summarise(
         baseline_usd=baseline,
         baseline_usd_per_1k_tokens=_per(baseline * 1000, tokens),
         baseline_usd_per_1k_notes=_per(baseline * 1000, rows),
+        rows_skipped=sum(t.skipped for t in tallies),
     )
 
 
@@ -161,6 +164,7 @@ def format_summary(s: RunSummary) -> str:
         ),
         ("notes", f"{s.rows:,} ({status_text or 'none'})"),
         ("notes cut to fit", f"{s.truncated_notes:,}"),
+        ("notes coded before", f"{s.rows_skipped:,} skipped"),
         (
             "tokens",
             f"{s.total_tokens:,} ({s.prompt_tokens:,} prompt + "
