@@ -21,12 +21,13 @@ except ImportError:
 
 import click
 
-from notecoder.cli import _fail_clearly, job_options, run_from_options
+from notecoder.cli import job_options, run_from_options
+from notecoder.clikit import fail_clearly
 
 
 @click.command()
 @job_options
-@_fail_clearly
+@fail_clearly
 def main(**options):
     """Code an archive of clinical notes; rerun the same command to resume."""
     run_from_options(**options)

@@ -2,42 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from notecoder.clikit import fail_clearly, setup_logging
 from notecoder.config import ConfigError, JobConfig, load_config, parse_override
-from notecoder.errors import NotecoderError
 
 log = logging.getLogger("notecoder")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_DIR_DEFAULT = ".demo"
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def _fail_clearly(func):
-    """Turn notecoder's own errors into one clear line and exit status 2."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except NotecoderError as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-
-    return wrapper
 
 
 def job_options(func):
@@ -124,7 +101,7 @@ def main() -> None:
 
 @main.command()
 @job_options
-@_fail_clearly
+@fail_clearly
 def run(**options: Any) -> None:
     """Code an archive: plan, code every shard, commit, print the run summary.
 
@@ -135,7 +112,7 @@ def run(**options: Any) -> None:
 
 @main.command("demo-model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@_fail_clearly
+@fail_clearly
 def demo_model(out_dir: str) -> None:
     """Build the tiny demo model (deterministic, no download) into OUT_DIR."""
     from notecoder.demo import build_demo_model
@@ -147,7 +124,7 @@ def demo_model(out_dir: str) -> None:
 @main.command("sample-archive")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--notes", default=300, show_default=True, help="How many notes.")
-@_fail_clearly
+@fail_clearly
 def sample_archive(out_dir: str, notes: int) -> None:
     """Write a synthetic archive of invented notes with gold codes into OUT_DIR."""
     from notecoder.demo import write_sample_archive
@@ -166,7 +143,7 @@ def sample_archive(out_dir: str, notes: int) -> None:
     help="Where the demo model, archive and output go.",
 )
 @click.option("--log-level", default="INFO", show_default=True)
-@_fail_clearly
+@fail_clearly
 def demo(demo_dir: str, log_level: str) -> None:
     """Build the demo model and sample archive, then code it with configs/local.yaml."""
     from notecoder.demo import build_demo_model, write_sample_archive

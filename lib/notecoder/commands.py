@@ -9,10 +9,7 @@ the ``notecoder`` group (cli.py calls it).
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,8 +18,9 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from notecoder.clikit import fail_clearly, setup_logging
 from notecoder.config import load_config, parse_override
-from notecoder.errors import NotecoderError, StorageError
+from notecoder.errors import StorageError
 from notecoder.storage import S3Settings, Storage
 
 READ_THREADS = 16
@@ -33,27 +31,6 @@ def register(group: click.Group) -> None:
     """Add plan, report and eval to the ``notecoder`` command group."""
     for command in (plan, report, eval_command):
         group.add_command(command)
-
-
-def _clear_errors(func):
-    # Like cli._fail_clearly; kept here so that this module does not import cli,
-    # which imports this module to register the commands.
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except NotecoderError as exc:
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-
-    return wrapper
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _storage(config_path: str | None) -> Storage:
@@ -121,7 +98,7 @@ _LOG_LEVEL = click.option(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, not a table.")
 @_LOG_LEVEL
-@_clear_errors
+@fail_clearly
 def plan(
     config_path: str | None,
     input_uri: str | None,
@@ -141,7 +118,7 @@ def plan(
     """
     from notecoder.estimate import estimate, format_plan, plan_json
 
-    _logging(log_level)
+    setup_logging(log_level)
     overrides: dict[str, Any] = dict(parse_override(s) for s in sets)
     overrides.update(
         {"input.uri": input_uri, "model.path": model_path, "output.uri": output_uri}
@@ -180,7 +157,7 @@ def plan(
 )
 @_CONFIG_FOR_S3
 @_LOG_LEVEL
-@_clear_errors
+@fail_clearly
 def report(
     output: str | None,
     history_uri: str | None,
@@ -198,7 +175,7 @@ def report(
     from notecoder import report as report_mod
     from notecoder.ledger import format_history, read_history
 
-    _logging(log_level)
+    setup_logging(log_level)
     if output is None and history_uri is None:
         raise click.UsageError("give OUTPUT, --history LEDGER_URI, or both")
     storage = _storage(config_path)
@@ -269,7 +246,7 @@ def report(
 )
 @_CONFIG_FOR_S3
 @_LOG_LEVEL
-@_clear_errors
+@fail_clearly
 def eval_command(
     predictions_uri: str,
     gold_uri: str,
@@ -289,7 +266,7 @@ def eval_command(
     """
     from notecoder.evaluate import evaluate, format_report
 
-    _logging(log_level)
+    setup_logging(log_level)
     storage = _storage(config_path)
     predictions = read_predictions(storage, predictions_uri, id_column)
     gold = read_gold(storage, gold_uri, id_column, gold_column)

@@ -50,7 +50,13 @@ from notecoder.errors import ConfigError, ModelError, PlanError
 from notecoder.plan import FOOTER_THREADS, Plan, plan_archive
 from notecoder.prompts import PromptBuilder
 from notecoder.storage import S3Settings, Storage, is_s3, relative_to
-from notecoder.tally import RunSummary, ShardTally, summarise
+from notecoder.tally import (
+    RunSummary,
+    ShardTally,
+    cost_lines,
+    key_value_table,
+    summarise,
+)
 
 log = logging.getLogger(__name__)
 
@@ -526,24 +532,14 @@ def format_plan(p: CostPlan) -> str:
         ),
         ("engine-hours", _hours(p)),
         ("accelerator-hours", f"{p.accelerator_hours:,.3f}"),
-        (
-            "cost",
-            f"${p.usd:,.2f}: ${p.usd_per_1k_tokens:,.6f} per 1K tokens, "
-            f"${p.usd_per_1k_notes:,.4f} per 1K notes",
-        ),
-        (
-            "hosted API baseline",
-            f"${p.baseline_usd:,.2f}: ${p.baseline_usd_per_1k_tokens:,.6f} per 1K "
-            f"tokens, ${p.baseline_usd_per_1k_notes:,.4f} per 1K notes",
-        ),
+        *cost_lines(p, total_digits=2),
         (
             "planned in",
             f"{p.seconds:.1f} s: footers {p.footer_seconds:.1f} s, tokenizer load "
             f"{p.tokenizer_seconds:.1f} s (the two in parallel)",
         ),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    return key_value_table(rows)
 
 
 def _hours(p: CostPlan) -> str:

@@ -178,16 +178,30 @@ def format_summary(s: RunSummary) -> str:
             f"({s.engine_tokens_per_second:,.1f} tokens/s while generating)",
         ),
         ("accelerator-hours", f"{s.accelerator_hours:,.4f}"),
+        *cost_lines(s, total_digits=4),
+    ]
+    return key_value_table(lines)
+
+
+def cost_lines(priced: Any, total_digits: int) -> list[tuple[str, str]]:
+    """The "cost" and "hosted API baseline" rows of anything priced like a run (a
+    RunSummary, or a plan's estimate), from its usd and baseline_usd fields."""
+    p, d = priced, total_digits
+    return [
         (
             "cost",
-            f"${s.usd:,.4f}: ${s.usd_per_1k_tokens:,.6f} per 1K tokens, "
-            f"${s.usd_per_1k_notes:,.4f} per 1K notes",
+            f"${p.usd:,.{d}f}: ${p.usd_per_1k_tokens:,.6f} per 1K tokens, "
+            f"${p.usd_per_1k_notes:,.4f} per 1K notes",
         ),
         (
             "hosted API baseline",
-            f"${s.baseline_usd:,.4f}: ${s.baseline_usd_per_1k_tokens:,.6f} per 1K "
-            f"tokens, ${s.baseline_usd_per_1k_notes:,.4f} per 1K notes",
+            f"${p.baseline_usd:,.{d}f}: ${p.baseline_usd_per_1k_tokens:,.6f} per 1K "
+            f"tokens, ${p.baseline_usd_per_1k_notes:,.4f} per 1K notes",
         ),
     ]
-    width = max(len(k) for k, _ in lines)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in lines)
+
+
+def key_value_table(rows: list[tuple[str, str]]) -> str:
+    """Rows of (label, text), the labels padded to one width."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
