@@ -1,6 +1,7 @@
 """The whole job on a local Ray cluster with the real engine."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -174,3 +175,44 @@ def test_codiesp_dev_every_row_accounted(ray_local, demo_model, tmp_path):
     assert summary.rows == len(ids) == 250
     assert sum(summary.statuses.values()) == 250
     assert summary.truncated_notes > 0  # real cases overflow the demo's 512 tokens
+
+
+def test_local_cluster_listens_on_loopback_only(tmp_path):
+    """A local run's Ray (GCS, raylet, workers, dashboard agent) binds 127.0.0.1 only.
+
+    In a fresh process that imports Ray before notecoder, as a user's script might,
+    and without the variable that keeps Ray on loopback in the environment.
+    """
+    script = tmp_path / "listen.py"
+    script.write_text(
+        "import os, subprocess, psutil, ray\n"
+        "from notecoder.runner import ensure_ray\n"
+        "ensure_ray()\n"
+        "@ray.remote\n"
+        "def f():\n"
+        "    return 1\n"
+        "ray.get(f.remote())\n"
+        "pids = {p.pid for p in psutil.Process().children(recursive=True)}\n"
+        "pids.add(os.getpid())\n"
+        "ss = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True)\n"
+        "out = ss.stdout\n"
+        "mine = [l for l in out.splitlines() if any(f'pid={p},' in l for p in pids)]\n"
+        "wide = [l.split()[3] for l in mine if '127.0.0.1' not in l.split()[3]]\n"
+        "print('LISTEN', len(mine), 'WIDE', len(wide), *wide)\n"
+        "ray.shutdown()\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    }
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [python_bin(), str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("LISTEN"))
+    fields = line.split()
+    assert int(fields[1]) >= 3, line  # GCS, raylet, worker at least
+    assert fields[3] == "0", line

@@ -320,6 +320,7 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    _keep_on_loopback()
     # address="local": always a new cluster of our own, never one that some other
     # `ray start` on this machine left recorded in /tmp/ray.
     ray.init(
@@ -328,6 +329,20 @@ def ensure_ray() -> None:
         include_dashboard=False,
         log_to_driver=True,
     )
+
+
+def _keep_on_loopback() -> None:
+    """Make a local Ray cluster listen on 127.0.0.1 only.
+
+    Ray's servers bind every interface unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is 0,
+    and Ray reads that variable once, when it is first imported; vLLM or a caller may
+    have imported Ray before us, so the value it derived is set here as well. A local
+    run has no business being reachable from the network.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _shutdown_engines() -> None:
