@@ -53,7 +53,12 @@ def job_options(func):
             metavar="KEY=VALUE",
             help="Override any config key, e.g. --set sampling.max_tokens=32.",
         ),
-        click.option("--log-level", default="INFO", show_default=True),
+        click.option(
+            "--log-level",
+            default="INFO",
+            show_default=True,
+            help="Log level on stderr (DEBUG, INFO, WARNING, ERROR).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -142,7 +147,12 @@ def sample_archive(out_dir: str, notes: int) -> None:
     type=click.Path(file_okay=False),
     help="Where the demo model, archive and output go.",
 )
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    help="Log level on stderr (DEBUG, INFO, WARNING, ERROR).",
+)
 @fail_clearly
 def demo(demo_dir: str, log_level: str) -> None:
     """Build the demo model and sample archive, then code it with configs/local.yaml."""
