@@ -216,3 +216,52 @@ def test_local_cluster_listens_on_loopback_only(tmp_path):
     fields = line.split()
     assert int(fields[1]) >= 3, line  # GCS, raylet, worker at least
     assert fields[3] == "0", line
+
+
+def test_run_that_never_committed_does_not_block_a_corrected_rerun(
+    sample_archive, demo_model, tmp_path
+):
+    """An output whose run committed nothing (engines failed to start) starts over."""
+    from notecoder.runner import prepare
+
+    out = tmp_path / "o"
+    meta = out / "_notecoder"
+    meta.mkdir(parents=True)
+    (meta / "run.json").write_text(
+        json.dumps({"run_id": "never-started", "settings": {"model.max_model_len": 1}})
+    )
+    prep = prepare(_cfg(sample_archive, out, demo_model))
+    assert prep.manifest["run_id"] != "never-started"
+    assert prep.manifest["replaces_run"] == "never-started"
+
+
+def test_more_engines_than_the_machine_holds_fails_at_once(
+    ray_local, sample_archive, demo_model, tmp_path
+):
+    from notecoder.errors import ConfigError
+
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    cfg = _cfg(
+        sample_archive,
+        tmp_path / "o",
+        demo_model,
+        **{"engine.engines": cpus + 3, "engine.start_timeout_seconds": 60},
+    )
+    with pytest.raises(ConfigError, match=r"lower engine.engines"):
+        run_job(cfg, echo=lambda _: None)
+
+
+def test_demo_command_twice(tmp_path):
+    """`make demo` runs `notecoder demo`; the second time resumes, writing nothing."""
+    from .conftest import notecoder_bin
+
+    cmd = [notecoder_bin(), "demo", "--dir", str(tmp_path / "demo")]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "tokens/s" in first.stdout and "per 1K tokens" in first.stdout
+    parts = sorted((tmp_path / "demo" / "output").glob("part-*.parquet"))
+    before = {p: p.stat().st_mtime_ns for p in parts}
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "nothing to do" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in parts} == before

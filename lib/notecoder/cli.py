@@ -161,8 +161,14 @@ def demo(demo_dir: str, log_level: str) -> None:
 
     setup_logging(log_level)
     base = Path(demo_dir)
-    model = build_demo_model(base / "model")
-    archive = write_sample_archive(base / "archive")
+    # A second `make demo` reuses what the first built, so it resumes its run (and
+    # shows that a rerun writes nothing) instead of refusing a rewritten input.
+    model = base / "model"
+    if not (model / "config.json").is_file():
+        model = build_demo_model(model)
+    archive = base / "archive"
+    if not archive.is_dir():
+        archive = write_sample_archive(archive)
     config = _shipped_config("local.yaml")
     cfg = config_from_options(
         config,

@@ -140,6 +140,12 @@ class EngineConfig(_Section):
     cpu_kv_cache_gib: float = Field(
         1.0, gt=0, description="KV cache per engine on the CPU build, in GiB."
     )
+    start_timeout_seconds: float = Field(
+        1800.0,
+        gt=0,
+        description="How long to wait for every engine to load (and for the cluster "
+        "to have room for it) before the run fails.",
+    )
     enforce_eager: bool = Field(
         False, description="Skip graph capture: faster start, slower decode."
     )

@@ -130,6 +130,15 @@ def prepare(cfg: JobConfig, *, new_run: bool = False) -> Prepared:
     if manifest is not None and new_run:
         archive_run(layout, manifest)
         replaces, manifest = manifest.get("run_id"), None
+    if manifest is not None and not layout.committed():
+        # A run that never committed a shard (its engines failed to start, say) has
+        # nothing to mix with: a corrected rerun simply starts over.
+        log.info(
+            "output %s holds run %s with no committed shard; starting a new run",
+            cfg.output.uri,
+            manifest.get("run_id"),
+        )
+        replaces, manifest = manifest.get("run_id"), None
     if manifest is not None:
         diffs = _differences(manifest.get("settings", {}), settings)
         if diffs:
@@ -456,6 +465,7 @@ def _code_shards(
     cfg = prep.cfg
     device = _device(cfg)
     n = min(_engine_count(cfg, device), len(shards))
+    _check_room(cfg, device, n)
     attempt.engines = n
     attempt.accelerators_per_engine = (
         cfg.engine.gpus_per_engine if device == "cuda" else 1
@@ -477,7 +487,7 @@ def _code_shards(
     skip_ref = ray.put(prep.skip.ids) if prep.skip is not None else None
     log.info("starting %d %s engine(s)", n, device)
     actors = [_start_engine(prep, ctx, i, skip_ref) for i in range(n)]
-    _wait_ready(actors)
+    _wait_ready(actors, cfg.engine.start_timeout_seconds)
     progress = _Progress(len(shards), sum(s.num_rows for s in shards))
     queue: deque[tuple[Shard, int, float]] = deque((s, 1, 0.0) for s in shards)
     inflight: dict[Any, tuple[int, Shard, int]] = {}
@@ -526,8 +536,11 @@ def _code_shards(
                 continue
             except (RayTaskError, GetTimeoutError) as exc:
                 log.warning(
-                    "shard %s failed on attempt %d: %s",
+                    "shard %s (%s, row groups %d-%d) failed on attempt %d: %s",
                     shard.shard_id,
+                    shard.file_uri,
+                    shard.row_groups[0],
+                    shard.row_groups[-1],
                     tries,
                     _cause(exc),
                 )
@@ -592,19 +605,76 @@ def _cause(exc: Exception) -> str:
     return type(cause).__name__
 
 
-def _wait_ready(actors: list[Any]) -> None:
+def _wait_ready(actors: list[Any], timeout: float) -> None:
+    """Wait until every engine has loaded; fail clearly if one cannot.
+
+    An engine that cannot be placed (more engines than the cluster has CPUs or GPUs
+    for) never fails by itself: it waits for resources. The wait is bounded, and said
+    out loud every minute, so a misconfigured night pages someone instead of idling.
+    """
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    for i, actor in enumerate(actors):
+    pending = {actor.ready.remote(): i for i, actor in enumerate(actors)}
+    deadline = time.monotonic() + timeout
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            waiting = sorted(pending.values())
+            raise ModelError(
+                f"{len(waiting)} of {len(actors)} engines did not start within "
+                f"{timeout:.0f} s (engines {waiting}): the cluster may lack the CPUs "
+                f"or GPUs for them (it has {_resources_text()}); lower "
+                "engine.engines or raise engine.start_timeout_seconds"
+            )
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=min(60.0, left))
+        if not done:
+            log.info(
+                "waiting for %d of %d engines to start (%.0f s left)",
+                len(pending),
+                len(actors),
+                left,
+            )
+            continue
+        i = pending.pop(done[0])
         try:
-            ray.get(actor.ready.remote())
+            ray.get(done[0])
         except (RayActorError, RayTaskError) as exc:
             raise ModelError(
                 f"engine {i} failed to start ({_cause(exc)}): check --model, "
                 "model.max_model_len and engine.extra_args; the engine's log above "
                 "says more"
             ) from None
+
+
+def _check_room(cfg: JobConfig, device: str, engines: int) -> None:
+    """Fail at once when a machine's own cluster cannot hold the engines asked for.
+
+    Only for a local cluster that this process started: there is no autoscaler to add
+    room, so engines that do not fit would wait for ever. On a real cluster, nodes may
+    still join; _wait_ready's time limit covers that case.
+    """
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    kind, per = ("GPU", cfg.engine.gpus_per_engine)
+    if device == "cpu":
+        kind, per = ("CPU", cfg.engine.cpus_per_engine)
+    have = ray.cluster_resources().get(kind, 0)
+    if engines * per > have:
+        raise ConfigError(
+            f"{engines} engines x {per} {kind} need {engines * per:g} {kind}s, and "
+            f"this machine's Ray has {have:g}: lower engine.engines (--engines) or "
+            f"engine.{'cpus' if kind == 'CPU' else 'gpus'}_per_engine"
+        )
+
+
+def _resources_text() -> str:
+    import ray
+
+    res = ray.cluster_resources()
+    return f"{res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} GPUs"
 
 
 class _Progress:
