@@ -130,7 +130,9 @@ def prepare(cfg: JobConfig, *, new_run: bool = False) -> Prepared:
     if manifest is not None and new_run:
         archive_run(layout, manifest)
         replaces, manifest = manifest.get("run_id"), None
-    if manifest is not None and not layout.committed():
+    # Listing the output and reading every marker is the slow part on S3: once.
+    found = layout.committed()
+    if manifest is not None and not found:
         # A run that never committed a shard (its engines failed to start, say) has
         # nothing to mix with: a corrected rerun simply starts over.
         log.info(
@@ -175,11 +177,8 @@ def prepare(cfg: JobConfig, *, new_run: bool = False) -> Prepared:
             "attempts": [],
             "replaces_run": replaces,
         }
-    committed = {
-        k: v
-        for k, v in layout.committed().items()
-        if k in {s.shard_id for s in plan.shards}
-    }
+    planned = {s.shard_id for s in plan.shards}
+    committed = {k: v for k, v in found.items() if k in planned}
     return Prepared(cfg, storage, layout, plan, model, manifest, committed, skip)
 
 
